@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import ConfigError
 from .losses import IdentityHead, batch_hard_triplet, uncertainty_weighted
 
 
@@ -33,7 +34,7 @@ def create_backbone(cfg, meta: bool = False) -> VisionTransformer:
         kwargs["depth"] = cfg.depth
     if not meta and (cfg.pretrained or cfg.pretrained_path):
         if cfg.depth:
-            raise ValueError(f"depth={cfg.depth} truncates the backbone: use it with pretrained=False only")
+            raise ConfigError(f"depth={cfg.depth} truncates the backbone: use it with pretrained=False only")
         kwargs["pretrained"] = True
         if cfg.pretrained_path:
             kwargs["pretrained_cfg_overlay"] = {"file": cfg.pretrained_path}
@@ -44,16 +45,16 @@ def create_backbone(cfg, meta: bool = False) -> VisionTransformer:
         else:
             backbone = timm.create_model(cfg.backbone, **kwargs)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"backbone={cfg.backbone!r} is not a timm VisionTransformer DCAL can build ({e}); "
+        raise ConfigError(f"backbone={cfg.backbone!r} is not a timm VisionTransformer DCAL can build ({e}); "
                          "use a timm ViT/DeiT name, e.g. from timm.list_models('vit_*')") from e
     if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None:
-        raise ValueError(f"backbone={cfg.backbone!r} is not a timm VisionTransformer with a class token")
+        raise ConfigError(f"backbone={cfg.backbone!r} is not a timm VisionTransformer with a class token")
     bad = [type(b).__name__ for b in backbone.blocks if type(b) is not Block or type(b.attn) is not Attention]
     if bad or any(b.attn.gate is not None for b in backbone.blocks):
-        raise ValueError(f"backbone={cfg.backbone!r} has blocks DCAL cannot rewire: {bad[:1] or 'gated attention'}")
+        raise ConfigError(f"backbone={cfg.backbone!r} has blocks DCAL cannot rewire: {bad[:1] or 'gated attention'}")
     patch = backbone.patch_embed.patch_size
     if cfg.img_size % patch[0] or cfg.img_size % patch[1]:
-        raise ValueError(f"img_size={cfg.img_size} is not divisible by the patch size {patch[0]} of {cfg.backbone}")
+        raise ConfigError(f"img_size={cfg.img_size} is not divisible by the patch size {patch[0]} of {cfg.backbone}")
     return backbone
 
 
@@ -212,7 +213,7 @@ class DCAL(nn.Module):
             out[f"tri_{b}"] = batch_hard_triplet(f, labels, self.triplet_margin)
         branch = torch.stack([out[f"id_{b}"] + out[f"tri_{b}"] for b in self.branches])
         out["loss"] = uncertainty_weighted(branch, self.loss_log_vars)
-        out.update({f"w_{b}": w for b, w in zip(self.branches, self.loss_log_vars)})
+        out.update({f"w_{b}": w for b, w in zip(self.branches, self.loss_log_vars, strict=True)})
         return {k: v.reshape(1) for k, v in out.items()}
 
     def encode(self, images) -> dict[str, torch.Tensor]:
@@ -232,7 +233,7 @@ class DCAL(nn.Module):
         feats = self.encode(images)
         parts = [F.normalize(feats[b].float(), dim=1) for b in kind.split("+") if b in feats]
         if not parts:
-            raise ValueError(f"embedding {kind!r}: this model has only {'+'.join(feats)}")
+            raise ConfigError(f"embedding {kind!r}: this model has only {'+'.join(feats)}")
         return F.normalize(torch.cat(parts, dim=1), dim=1)
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ def test_cosface_matches_hand_computation():
     feat, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
     w = head.weight.detach()
     expected = 0.0
-    for f, y in zip(feat, labels):
+    for f, y in zip(feat, labels, strict=True):
         cos = [float(f @ w[c] / (f.norm() * w[c].norm())) for c in range(3)]
         logits = [30.0 * (c - 0.35 * (i == y)) for i, c in enumerate(cos)]
         expected += -logits[y] + math.log(sum(math.exp(v) for v in logits))
