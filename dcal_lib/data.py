@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import ConfigError
+
 SHOW = 5  # offending items listed in an error message
 
 
@@ -211,7 +213,7 @@ def split_val(train: Split, val_groups: int, seed: int) -> tuple[Split, Split | 
         return train, None
     multi = [g for g in train.groups if len(g) > 1]
     if not 0 < val_groups < len(multi):
-        raise ValueError(f"val_groups={val_groups}: {train.name} has {len(multi)} sibling groups; "
+        raise ConfigError(f"val_groups={val_groups}: {train.name} has {len(multi)} sibling groups; "
                          f"use 0 .. {len(multi) - 1} so training keeps at least one")
     chosen = {multi[i] for i in np.random.default_rng(seed).choice(len(multi), val_groups, replace=False)}
 
@@ -324,7 +326,7 @@ class TwinBatchSampler:
     def __init__(self, split: Split, batch_size: int, images_per_id: int, seed: int):
         largest = max(len(g) for g in split.groups)
         if images_per_id < 1 or batch_size < images_per_id * largest:
-            raise ValueError(f"batch_size={batch_size} cannot hold the largest sibling group ({largest} ids) "
+            raise ConfigError(f"batch_size={batch_size} cannot hold the largest sibling group ({largest} ids) "
                              f"x images_per_id={images_per_id}; use batch_size >= "
                              f"{max(images_per_id, 1) * largest} and images_per_id >= 1")
         self.batch_size, self.k, self.seed, self.epoch = batch_size, images_per_id, seed, 0
