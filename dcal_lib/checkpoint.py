@@ -45,17 +45,18 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Load a checkpoint written by `save_checkpoint` (a full pickle: RNG states, config, sampler)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: "
-                                "pass resume=<an existing .pt file> or resume='' to start fresh")
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (a run keeps them in "
+                                "<output_dir>/checkpoints/)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated?): {type(e).__name__}: {e}; "
-            "pass resume=<an older file> or resume='' to start fresh"
+            "use an older file (to train on, resume=<that file>; or resume='' to start fresh)"
         ) from e
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict: pass another resume=")
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict: "
+                              "use a file written by training")
     return state
 
 
