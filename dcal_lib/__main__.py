@@ -47,8 +47,15 @@ def _evaluate(args) -> None:
     from .evaluate import evaluate_checkpoint, format_summary
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data_dir, args.image_root, split=args.split,
-                                  out=args.out, embedding=args.embedding, batch_size=args.batch_size)
+                                  out=args.out, embedding=args.embedding, batch_size=args.batch_size,
+                                  gallery_n=args.gallery)
     print(format_summary(metrics))
+
+
+def _verify(args) -> None:
+    from .explain import verify
+
+    verify(args.checkpoint, args.image_a, args.image_b, out=args.out, embedding=args.embedding)
 
 
 def _demo(args) -> None:
@@ -103,7 +110,17 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     p.add_argument("--embedding", default="sa+glca", choices=["sa+glca", "sa", "glca"])
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gallery", type=int, default=4, help="hardest pairs of each kind drawn with attention maps")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("verify", help="same person or not: cosine score of two face images at the "
+                       "checkpoint's threshold (validation twin EER), and the pair view as a PNG")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--out", help="PNG of the pair view; default <run dir>/verify/<a>__<b>.png")
+    p.add_argument("--embedding", default="sa+glca", choices=["sa+glca", "sa", "glca"])
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("demo", help="synthetic data -> tiny DCAL on CPU -> evaluation, in a few minutes")
     p.add_argument("--out", default="runs/demo")

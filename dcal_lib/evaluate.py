@@ -7,7 +7,6 @@ are comparable. Pairs are always drawn with seed 0, so every checkpoint is score
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, unwrap_state_dict
 from .config import Config, ConfigError
-from .data import FaceDataset, build_transform, load_split, split_val
+from .data import FaceDataset, load_split, split_val
+from .explain import gallery, load_model
 from .metrics import assign_folds, far_key, verification_metrics
-from .model import build_model, data_config
 from .pairs import Pair, make_pairs, pair_arrays
 
 PAIR_SEED = 0
@@ -80,29 +78,25 @@ def evaluate_split(model, split, transform, device, kind="sa+glca", batch_size=6
 
 
 def evaluate_checkpoint(checkpoint, data_dir, image_root=None, split="test", out=None,
-                        embedding="sa+glca", batch_size=64, device=None) -> dict:
+                        embedding="sa+glca", batch_size=64, device=None, gallery_n=4) -> dict:
     """Evaluate a training checkpoint on a split and write metrics, pairs, embeddings and plots to ``out``.
 
     ``out`` defaults to ``<run dir>/eval`` with the run dir two levels above the checkpoint
     (``<run>/checkpoints/last.pt``). ``split="val"`` rebuilds the run's validation groups from the train
-    split with the checkpoint's ``val_groups`` and ``seed``. Returns what ``metrics.json`` holds.
+    split with the checkpoint's ``val_groups`` and ``seed``. The ``gallery_n`` hardest twin impostors and
+    genuine pairs are drawn into ``out/attention``. Returns what ``metrics.json`` holds.
     """
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.parent.parent / "eval"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = load_checkpoint(checkpoint)
-    # The weights come from the checkpoint: never fetch pretrained ones (offline machines).
-    cfg = dataclasses.replace(Config(**ckpt["config"]), pretrained=False, pretrained_path="")
+    model, transform, ckpt = load_model(checkpoint, device)
+    cfg = Config(**ckpt["config"])
     if split == "val":  # the groups training held out, re-derived from the run's own settings
         data = split_val(load_split(data_dir, "train", image_root), cfg.val_groups, cfg.seed)[1]
         if data is None:
             raise ConfigError(f"{checkpoint} was trained with val_groups=0: there is no val split; use test")
     else:
         data = load_split(data_dir, split, image_root)
-    model = build_model(cfg, ckpt["num_classes"])
-    model.load_state_dict(unwrap_state_dict(ckpt["model"]))
-    model.to(device)
-    transform = build_transform(data_config(model), cfg.img_size, train=False)
 
     emb = embed_split(model, data, transform, batch_size, device, embedding)
     pairs = make_pairs(data, seed=PAIR_SEED)
@@ -133,6 +127,9 @@ def evaluate_checkpoint(checkpoint, data_dir, image_root=None, split="test", out
     title = f"{data.name} split, {embedding} embedding, epoch {ckpt.get('epoch')}"
     plot_roc(scores, kinds, metrics, title).savefig(out / "roc.png", dpi=120)
     plot_scores(scores, kinds, metrics, title).savefig(out / "scores.png", dpi=120)
+    if gallery_n:
+        gallery(model, transform, data, pairs, scores, ckpt.get("threshold"), out / "attention", n=gallery_n,
+                embedding=embedding)
     return metrics
 
 

@@ -32,10 +32,12 @@ def tiny_checkpoint(run_dir: Path, data_dir, threshold=0.5) -> Path:
 
 def test_evaluate_checkpoint_writes_consistent_outputs(demo_data, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "run", demo_data)
-    metrics = evaluate_checkpoint(ckpt, demo_data, device="cpu")
+    metrics = evaluate_checkpoint(ckpt, demo_data, device="cpu", gallery_n=1)
     out = tmp_path / "run" / "eval"
     for name in ("metrics.json", "pairs.csv", "embeddings.npz", "roc.png", "scores.png"):
         assert (out / name).stat().st_size > 0, name
+    assert sorted(p.name.split("_score")[0] for p in (out / "attention").glob("*.png")) == [
+        "genuine_01", "twin_impostor_01"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for kind in ("twin", "general", "all"):
@@ -87,7 +89,7 @@ def test_evaluate_checkpoint_writes_consistent_outputs(demo_data, tmp_path):
 def test_val_split_and_training_path_agree(demo_data, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "run", demo_data, threshold=None)
     metrics = evaluate_checkpoint(ckpt, demo_data, split="val", out=tmp_path / "val_eval",
-                                  embedding="sa", device="cpu")
+                                  embedding="sa", device="cpu", gallery_n=0)
     assert "deployment" not in metrics and metrics["split"] == "val"
 
     cfg = make_config(backbone="vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
