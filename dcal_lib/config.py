@@ -138,9 +138,13 @@ def make_config(**params) -> Config:
     return cfg
 
 
+def params_from_namespace(namespace: dict) -> dict:
+    """The config names a notebook's globals bind to a value other than None (papermill parameters)."""
+    return {k: v for k, v in namespace.items() if k in FIELDS and v is not None}
+
+
 def from_namespace(namespace: dict) -> Config:
-    """Config from a notebook's globals: every config name bound to a value other than None."""
-    return make_config(**{k: v for k, v in namespace.items() if k in FIELDS and v is not None})
+    return make_config(**params_from_namespace(namespace))
 
 
 def config_dict(cfg: Config) -> dict:

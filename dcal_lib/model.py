@@ -15,8 +15,7 @@ import math
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -50,7 +49,7 @@ def create_backbone(cfg, meta: bool = False) -> VisionTransformer:
     if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None:
         raise ConfigError(f"backbone={cfg.backbone!r} is not a timm VisionTransformer with a class token")
     bad = [type(b).__name__ for b in backbone.blocks if type(b) is not Block or type(b.attn) is not Attention]
-    if bad or any(b.attn.gate is not None for b in backbone.blocks):
+    if bad or any(getattr(b.attn, "gate", None) is not None for b in backbone.blocks):
         raise ConfigError(f"backbone={cfg.backbone!r} has blocks DCAL cannot rewire: {bad[:1] or 'gated attention'}")
     patch = backbone.patch_embed.patch_size
     if cfg.img_size % patch[0] or cfg.img_size % patch[1]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import kaggle
 from .checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
-from .config import Config, ConfigError, config_dict
+from .config import Config, ConfigError, config_dict, make_config
 from .data import FaceDataset, TwinBatchSampler, build_transform, load_split, split_val
 from .evaluate import evaluate_split
 from .model import build_model, create_backbone, data_config
@@ -122,6 +122,18 @@ def resolve_resume(cfg: Config) -> dict | None:
                               "with another run_name or output_dir")
         return None
     return load_checkpoint(cfg.resume)
+
+
+def config_from_checkpoint(checkpoint=None, **overrides) -> Config:
+    """The config a checkpoint was trained with, with `overrides`, set to continue from that file.
+
+    Without `checkpoint`, the run in `overrides["output_dir"]` continues from its own last.pt.
+    """
+    if not checkpoint and not overrides.get("output_dir"):
+        raise ConfigError("give checkpoint (a .pt file) or output_dir (a run folder) to resume from")
+    path = Path(checkpoint or Path(overrides["output_dir"]) / "checkpoints" / "last.pt")
+    stored = load_checkpoint(path, mmap=True)["config"]
+    return make_config(**{**stored, **overrides, "resume": str(path)})
 
 
 def changed_params(old: dict, new: dict) -> dict[str, str]:

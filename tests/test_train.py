@@ -48,6 +48,16 @@ def test_fresh_run_refuses_to_overwrite_and_changed_params_become_tags(demo_data
     assert train_mod.changed_params(old, new) == {"resume.epochs": "1 -> 2", "resume.lr": "0.0 -> 0.1"}
 
 
+def test_config_from_checkpoint_keeps_the_run_settings(demo_data, tmp_path):
+    train(cfg_for(demo_data, tmp_path / "run", epochs=1, num_workers=0, glca_readout="cls"))
+    cfg = train_mod.config_from_checkpoint(output_dir=str(tmp_path / "run"), epochs=2)
+    assert (cfg.glca_readout, cfg.img_size, cfg.epochs) == ("cls", 32, 2)
+    assert cfg.resume == str(tmp_path / "run/checkpoints/last.pt")
+    assert train(cfg)["epoch"] == 2
+    with pytest.raises(ConfigError, match="give checkpoint"):
+        train_mod.config_from_checkpoint()
+
+
 @pytest.mark.parametrize("params,message", [
     (dict(bogus=1), "unknown parameter"),
     (dict(epochs="three"), "expected int"),
