@@ -106,13 +106,21 @@ def _block(blk: Block, x, p=None, partner=None, want_attn: bool = False):
     B, attn = x.shape[0], blk.attn
     xs = x if p is None else torch.cat([x, p])
     q, k, v = _qkv(attn, blk.norm1(xs))
-    o = _sdpa(attn, q[:B], k[:B], v[:B])
+    a = None
+    if want_attn and not torch.is_grad_enabled():
+        # Inference: the probabilities are formed anyway, so the rollout reuses them (nothing is kept
+        # for backward). Training uses the fused kernel and recomputes them below without autograd.
+        probs = (q[:B] @ k[:B].transpose(-2, -1)).float().mul_(attn.scale).softmax(-1)
+        o, a = probs.to(v.dtype) @ v[:B], probs.mean(1)
+    else:
+        o = _sdpa(attn, q[:B], k[:B], v[:B])
     if p is not None:
         op = pair_attention(attn, q[B:], k[B:], v[B:], k[:B][partner], v[:B][partner])
         o = torch.cat([o, op])
     xs = xs + blk.drop_path1(blk.ls1(_project(attn, o)))
     xs = xs + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xs))))
-    a = head_mean_attention(q[:B], k[:B], attn.scale) if want_attn else None
+    if want_attn and a is None:
+        a = head_mean_attention(q[:B], k[:B], attn.scale)
     return (xs, None, a) if p is None else (xs[:B], xs[B:], a)
 
 

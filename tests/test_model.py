@@ -198,3 +198,13 @@ def test_embed_is_normalised_and_bad_configs_fail_early():
         tiny(img_size=60)
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         tiny("resnet18")
+
+
+def test_inference_path_reusing_probabilities_matches_the_training_path():
+    m = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = m.encode(x)
+    slow = m.encode(x)  # grad enabled: fused attention, probabilities recomputed for the rollout
+    for b in ("sa", "glca"):
+        assert torch.allclose(fast[b], slow[b].detach(), atol=1e-5)
