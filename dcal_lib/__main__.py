@@ -81,6 +81,11 @@ def _demo(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own options: python -m dcal_lib bench -h
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m dcal_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -126,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=8)
     p.set_defaults(func=_demo)
+
+    sub.add_parser("bench", help="DCAL vs the plain ViT: step/inference time ratios, memory, FLOPs, data rate")
 
     args = parser.parse_args(argv)
     try:
