@@ -179,7 +179,8 @@ def run_bench(backbone="vit_small_patch16_224", img_size=224, batch=8, steps=5, 
     train = _medians({v: s[-1] for v, s in setups.items()}, steps, warmup, device)
     (plain, x, dtype, _), dcal = setups.pop("plain"), setups.pop("dcal")[0]
     del setups
-    plain.eval(), dcal.eval()
+    plain.eval()
+    dcal.eval()
     fns = {"plain": lambda: plain.embed(x), "dcal": lambda: dcal.embed(x), "r": _rollout_fn(dcal, x, dtype)}
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         embed = _medians(fns, 3 * steps, warmup, device)  # a third of a step each; the 1.10 target is tight
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--depth", type=int, default=0, help="0 = the backbone's own depth")
     p.add_argument("--device", help="default: cuda when available")
-    p.add_argument("--amp", action="store_true", default=None, help="bf16 on CPU too (GPUs: always AMP)")
+    p.add_argument("--amp", action="store_true", default=None, help="bf16 on CPU too (GPUs: always)")
     p.add_argument("--workers", type=int, default=1, help="loader workers the data rate is scaled to")
     p.add_argument("--grad-ckpt", action="store_true", help="DCAL with gradient checkpointing")
     p.add_argument("--out", default="bench.json")

@@ -21,6 +21,7 @@ from .data import FaceDataset, load_split, split_val
 from .explain import gallery, load_model
 from .metrics import assign_folds, far_key, verification_metrics
 from .pairs import Pair, make_pairs, pair_arrays
+from .tracking import make_tracker
 
 PAIR_SEED = 0
 COLORS = {"genuine": "tab:green", "twin": "tab:red", "general": "tab:blue"}
@@ -130,7 +131,28 @@ def evaluate_checkpoint(checkpoint, data_dir, image_root=None, split="test", out
     if gallery_n:
         gallery(model, transform, data, pairs, scores, ckpt.get("threshold"), out / "attention", n=gallery_n,
                 embedding=embedding)
+    log_to_training_run(ckpt, metrics, out)
     return metrics
+
+
+def log_to_training_run(ckpt: dict, metrics: dict, out: Path) -> None:
+    """The evaluation joins the tracked run that produced the checkpoint: metrics, metrics.json, plots.
+
+    A tracker that cannot be reached (another machine, no key) warns once and nothing else happens.
+    """
+    cfg = Config(**ckpt["config"])
+    if cfg.tracker == "none" or not ckpt.get("tracker_run_id"):
+        return
+    tracker = make_tracker(cfg.tracker, run_name=cfg.run_name, run_dir=cfg.run_dir, mlflow_uri=cfg.mlflow_uri,
+                           wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
+                           run_id=ckpt["tracker_run_id"])
+    split = metrics["split"]
+    tracker.log_metrics({f"{split}/{kind}_{key}": metrics[kind][key] for kind in ("twin", "general", "all")
+                         for key in ("auc", "eer", "accuracy") if metrics[kind][key] is not None},
+                        ckpt.get("global_step", 0))
+    for name in ("metrics.json", "roc.png", "scores.png"):
+        tracker.log_artifact(out / name)
+    tracker.finish()
 
 
 def plot_roc(scores: np.ndarray, kinds: np.ndarray, metrics: dict, title: str) -> Figure:

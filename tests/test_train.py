@@ -6,6 +6,7 @@ import torch
 import dcal_lib.train as train_mod
 from dcal_lib.checkpoint import load_checkpoint
 from dcal_lib.config import ConfigError, make_config
+from dcal_lib.evaluate import evaluate_checkpoint
 from dcal_lib.model import DCAL
 from dcal_lib.train import train
 
@@ -100,6 +101,11 @@ def test_mlflow_server_run_continues_across_resume(demo_data, tmp_path, mlflow_s
     assert len(steps) == 2 and steps[0] < steps[1]
     assert runs[0].data.params["backbone"] == "vit_tiny_patch16_224"
     assert runs[0].data.tags["resume.epochs"] == "1 -> 2"
+    # the evaluation of the run's checkpoint joins the same run: test metrics and the plots as artifacts
+    evaluate_checkpoint(tmp_path / "checkpoints/last.pt", demo_data, gallery_n=0)
+    run = client.get_run(runs[0].info.run_id)
+    assert "test/twin_auc" in run.data.metrics
+    assert {"metrics.json", "roc.png", "scores.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_mlflow_local_store_and_dead_server(demo_data, tmp_path):
