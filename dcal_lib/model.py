@@ -81,7 +81,7 @@ def pair_attention(attn: Attention, q, k, v, k_partner, v_partner) -> torch.Tens
 @torch.no_grad()
 def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention probabilities averaged over heads, (B, Nq, N), in float32."""
-    return (q @ k.transpose(-2, -1)).float().mul_(scale).softmax(-1).mean(1)
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(-1, dtype=torch.float32).mean(1)
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def _block(blk: Block, x, p=None, partner=None, want_attn: bool = False):
     if want_attn and not torch.is_grad_enabled():
         # Inference: the probabilities are formed anyway, so the rollout reuses them (nothing is kept
         # for backward). Training uses the fused kernel and recomputes them below without autograd.
-        probs = (q[:B] @ k[:B].transpose(-2, -1)).float().mul_(attn.scale).softmax(-1)
+        probs = ((q[:B] * attn.scale) @ k[:B].transpose(-2, -1)).softmax(-1, dtype=torch.float32)
         o, a = probs.to(v.dtype) @ v[:B], probs.mean(1)
     else:
         o = _sdpa(attn, q[:B], k[:B], v[:B])

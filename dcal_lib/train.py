@@ -234,7 +234,7 @@ def train(cfg: Config) -> dict:
         metrics = {"epoch": epoch + 1, "train/loss_epoch": float(np.mean(losses)) if losses else float("nan"),
                    "train/images_per_s": n_images / (time.monotonic() - t_epoch)}
         if val_split is not None:
-            val = evaluate_split(model, val_split, eval_tf, device, batch_size=max(cfg.batch_size, 64))
+            val = evaluate_split(model, val_split, eval_tf, device, batch_size=cfg.batch_size)
             metrics |= {f"val/twin_{k}": val["twin"][k] for k in ("eer", "auc")} | {"val/all_eer": val["all"]["eer"]}
             threshold = val["twin"]["eer_threshold"]
         history.append(metrics)
