@@ -68,12 +68,12 @@ def _demo(args) -> None:
     out = Path(args.out)
     data = out / "data"
     t = time.monotonic()
-    print(make_demo_data(data, ids=48, size=96, seed=0))
+    print(make_demo_data(data, ids=128, size=96, seed=0))
     for split in load_splits(data):
         verify_images(split)
     cfg = make_config(data_dir=str(data), output_dir=str(out / "run"), run_name="demo", resume="auto",
                       backbone="vit_tiny_patch16_224", pretrained=False, depth=4, img_size=96, epochs=args.epochs,
-                      batch_size=32, lr=1e-3, warmup_epochs=1, drop_path=0.0, val_groups=3, amp=False)
+                      batch_size=32, lr=1e-3, warmup_epochs=1, drop_path=0.0, val_groups=6, amp=False)
     result = train(cfg)
     metrics = evaluate_checkpoint(result["best_checkpoint"], str(data))
     print(format_summary(metrics))
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("demo", help="synthetic data -> tiny DCAL on CPU -> evaluation, in a few minutes")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=30)
     p.set_defaults(func=_demo)
 
     sub.add_parser("bench", help="DCAL vs the plain ViT: step/inference time ratios, memory, FLOPs, data rate")
