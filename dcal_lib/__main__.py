@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 import warnings
@@ -67,11 +68,12 @@ def _demo(args) -> None:
 
     out = Path(args.out)
     data = out / "data"
+    shutil.rmtree(out / "run", ignore_errors=True)  # the demo always starts afresh
     t = time.monotonic()
     print(make_demo_data(data, ids=128, size=96, seed=0))
     for split in load_splits(data):
         verify_images(split)
-    cfg = make_config(data_dir=str(data), output_dir=str(out / "run"), run_name="demo", resume="auto",
+    cfg = make_config(data_dir=str(data), output_dir=str(out / "run"), run_name="demo", resume="",
                       backbone="vit_tiny_patch16_224", pretrained=False, depth=4, img_size=96, epochs=args.epochs,
                       batch_size=32, lr=1e-3, warmup_epochs=1, drop_path=0.0, val_groups=6, amp=False)
     result = train(cfg)

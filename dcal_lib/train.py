@@ -176,6 +176,10 @@ def train(cfg: Config) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     start_epoch, step, best_eer, threshold, history = 0, 0, float("inf"), None, []
     if state is not None:
+        if state["num_classes"] != len(train_split.ids):
+            raise ConfigError(f"the checkpoint was trained on {state['num_classes']} identities but the training "
+                              f"split now has {len(train_split.ids)} (other data_dir or val_groups?): resume with "
+                              "the run's data, or start a new run (another output_dir, resume='')")
         model.load_state_dict(unwrap_state_dict(state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
