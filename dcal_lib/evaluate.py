@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .config import Config, ConfigError
 from .data import FaceDataset, load_split, split_val
-from .explain import gallery, load_model
+from .explain import eval_mode, gallery, load_model
 from .metrics import assign_folds, far_key, verification_metrics
 from .pairs import Pair, make_pairs, pair_arrays
 from .tracking import make_tracker
@@ -37,15 +37,10 @@ def embed_split(model, split, transform, batch_size, device, kind="sa+glca", num
     net = getattr(model, "module", model)  # a DataParallel wrapper has no .embed
     loader = DataLoader(FaceDataset(split.samples(), transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    was_training = net.training
-    net.eval()
     out = []
-    try:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            for images, _, _ in loader:
-                out.append(net.embed(images.to(device, non_blocking=True), kind).float().cpu())
-    finally:
-        net.train(was_training)
+    with eval_mode(net), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        for images, _, _ in loader:
+            out.append(net.embed(images.to(device, non_blocking=True), kind).float().cpu())
     return torch.cat(out).numpy()
 
 

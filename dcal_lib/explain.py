@@ -22,7 +22,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, unwrap_state_dict
 from .config import Config
 from .data import build_transform, load_image
-from .model import build_model, data_config
+from .model import build_model, combine_features, data_config
 
 THRESHOLD_SOURCE = "validation twin EER"
 NO_THRESHOLD = ("no threshold in checkpoint {checkpoint} (trained with val_groups=0): no decision. To get one, "
@@ -45,7 +45,7 @@ def load_model(checkpoint, device=None):
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     """No dropout / drop-path while explaining; the caller's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -68,15 +68,16 @@ def image_maps(model, images: torch.Tensor) -> dict:
     "rollout"   SA attention rollout of the CLS token over the patches, divided by its maximum (in [0, 1]);
     "glca_mask" True on the patches GLCA selects as queries;
     "glca_attn" attention of the GLCA read-out over the patches, divided by its maximum (in [0, 1]);
-    plus "tokens" (B, gh*gw, D), the final-normed SA patch tokens, and "grid" (gh, gw).
+    plus "tokens" (B, gh*gw, D), the final-normed SA patch tokens, "grid" (gh, gw), and "features", the
+    branch features (torch) that `model.combine_features` turns into the verification embedding.
     A model trained without GLCA has no "glca_*" maps. Dividing by the maximum keeps each image's
     pattern readable; the raw rollout mass on the patches is not comparable across images anyway.
     """
-    with _eval_mode(model) as device:
+    with eval_mode(model) as device:
         ex = model.explain(images.to(device))
     B, (gh, gw) = len(images), ex["grid"]
     out = {"rollout": _unit_max(ex["rollout"].float().cpu().numpy()).reshape(B, gh, gw),
-           "tokens": ex["patch_tokens"].float().cpu().numpy(), "grid": (gh, gw)}
+           "tokens": ex["patch_tokens"].float().cpu().numpy(), "grid": (gh, gw), "features": ex["features"]}
     if "glca_idx" in ex:
         mask = np.zeros((B, gh * gw), dtype=bool)
         np.put_along_axis(mask, ex["glca_idx"].cpu().numpy(), True, axis=1)
@@ -100,13 +101,6 @@ def difference_map(tokens_a: np.ndarray, tokens_b: np.ndarray, grid: tuple[int, 
     b = torch.as_tensor(tokens_b, dtype=torch.float32)
     d = 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
     return d.clamp(0.0, 2.0).reshape(grid).numpy()
-
-
-@torch.no_grad()
-def _score(model, batch: torch.Tensor, embedding: str) -> float:
-    with _eval_mode(model) as device:
-        e = model.embed(batch.to(device), embedding).float()
-    return float(e[0] @ e[1])
 
 
 def decide(score: float, threshold: float | None) -> str | None:
@@ -143,7 +137,8 @@ def _pair_figure(model, transform, path_a, path_b, threshold, out, title, embedd
     images = [load_image(p) for p in paths]
     batch = torch.stack([transform(im) for im in images])
     maps = image_maps(model, batch)
-    score = _score(model, batch, embedding)
+    e = combine_features(maps["features"], embedding)
+    score = float(e[0] @ e[1])
     size = tuple(model.backbone.patch_embed.img_size)  # (H, W)
     faces = [np.asarray(im.resize(size[::-1], Image.BICUBIC)) for im in images]
     gh, gw = maps["grid"]

@@ -233,28 +233,33 @@ class DCAL(nn.Module):
         return feats
 
     def embed(self, images, kind: str = "sa+glca") -> torch.Tensor:
-        """L2-normalised concatenation of the normalised branch features named in `kind`.
-
-        A model trained without GLCA embeds with SA alone, so baselines evaluate unchanged.
-        """
-        feats = self.encode(images)
-        parts = [F.normalize(feats[b].float(), dim=1) for b in kind.split("+") if b in feats]
-        if not parts:
-            raise ConfigError(f"embedding {kind!r}: this model has only {'+'.join(feats)}")
-        return F.normalize(torch.cat(parts, dim=1), dim=1)
+        return combine_features(self.encode(images), kind)
 
     @torch.no_grad()
     def explain(self, images) -> dict:
-        """What the maps show: rollout over all blocks, GLCA selection and attention, patch tokens."""
+        """What the maps show: rollout over all blocks, GLCA selection and attention, patch tokens, and
+        the branch features of `encode` (so a pair view needs one forward pass)."""
         depth = len(self.backbone.blocks)
         last_in, x, _, attn = self._tokens(images, attn_blocks=depth)
         npf = self.num_prefix
+        x = self.backbone.norm(x)
         out = {"rollout": attention_rollout(attn)[:, npf:], "grid": tuple(self.grid),
-               "patch_tokens": self.backbone.norm(x)[:, npf:]}
+               "patch_tokens": x[:, npf:], "features": {"sa": x[:, 0]}}
         if self.use_glca:
-            _, idx, a = self._glca(last_in, attention_rollout(attn[:-1]), want_attn=True)
-            out["glca_idx"], out["glca_attn"] = idx - npf, a[:, npf:]
+            feat, idx, a = self._glca(last_in, attention_rollout(attn[:-1]), want_attn=True)
+            out["glca_idx"], out["glca_attn"], out["features"]["glca"] = idx - npf, a[:, npf:], feat
         return out
+
+
+def combine_features(feats: dict[str, torch.Tensor], kind: str = "sa+glca") -> torch.Tensor:
+    """L2-normalised concatenation of the normalised branch features named in `kind`.
+
+    A model trained without GLCA embeds with SA alone, so baselines evaluate unchanged.
+    """
+    parts = [F.normalize(feats[b].float(), dim=1) for b in kind.split("+") if b in feats]
+    if not parts:
+        raise ConfigError(f"embedding {kind!r}: this model has only {'+'.join(feats)}")
+    return F.normalize(torch.cat(parts, dim=1), dim=1)
 
 
 def build_model(cfg, num_classes: int) -> DCAL:

@@ -208,3 +208,11 @@ def test_inference_path_reusing_probabilities_matches_the_training_path():
     slow = m.encode(x)  # grad enabled: fused attention, probabilities recomputed for the rollout
     for b in ("sa", "glca"):
         assert torch.allclose(fast[b], slow[b].detach(), atol=1e-5)
+
+
+def test_explain_features_are_the_encode_features():
+    m = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats, ex = m.encode(x), m.explain(x)
+    assert all(torch.allclose(ex["features"][b], feats[b], atol=1e-5) for b in ("sa", "glca"))
