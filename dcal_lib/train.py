@@ -7,6 +7,7 @@ limit, a crash or a kill continues where its last completed epoch ended.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -160,7 +161,9 @@ def train(cfg: Config) -> dict:
 
     full = load_split(cfg.data_dir, "train", cfg.image_root or None)
     train_split, val_split = split_val(full, cfg.val_groups, cfg.seed)
-    model = build_model(cfg, num_classes=len(train_split.ids)).to(device)
+    # a resumed run takes its weights from the checkpoint: fetching the pretrained ones would be wasted
+    model_cfg = dataclasses.replace(cfg, pretrained=False, pretrained_path="") if state else cfg
+    model = build_model(model_cfg, num_classes=len(train_split.ids)).to(device)
     dcfg = data_config(model)
     sampler = TwinBatchSampler(train_split, cfg.batch_size, cfg.images_per_id, cfg.seed)
     workers = os.cpu_count() if cfg.num_workers < 0 else cfg.num_workers

@@ -125,3 +125,10 @@ def test_wandb_offline_resume_keeps_the_run_id(demo_data, tmp_path):
     assert run_id and list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     train(cfg_for(demo_data, tmp_path, epochs=2, num_workers=0, tracker="wandb"))
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["tracker_run_id"] == run_id
+
+
+def test_resume_takes_weights_from_the_checkpoint_not_the_hub(demo_data, tmp_path):
+    train(cfg_for(demo_data, tmp_path, epochs=1, num_workers=0))
+    # HF_HUB_OFFLINE=1: any attempt to fetch pretrained weights would fail here
+    out = train(train_mod.config_from_checkpoint(output_dir=str(tmp_path), epochs=2, pretrained=True))
+    assert out["epoch"] == 2
